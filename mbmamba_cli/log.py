@@ -1,0 +1,32 @@
+"""Logging set-up shared by every command: a Rich handler on stderr, one line per decision."""
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+LOGGER_NAME = "mbmamba"
+
+# Progress bars and logs go to stderr so that `--json` output on stdout stays machine-readable.
+stderr_console = Console(stderr=True)
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> logging.Logger:
+    """Configure the package logger: WARNING with `quiet`, DEBUG with `verbose`, else INFO."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    handler = RichHandler(
+        console=stderr_console, show_path=False, show_time=False, markup=False, rich_tracebacks=False
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
+def get_logger(name: str) -> logging.Logger:
+    """Return a child of the package logger, e.g. `get_logger(__name__)`."""
+    short = name.removeprefix("mbmamba_cli.")
+    return logging.getLogger(f"{LOGGER_NAME}.{short}")

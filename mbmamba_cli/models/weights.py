@@ -1,0 +1,255 @@
+"""Checkpoint loading, canonicalisation and the shipped weights.
+
+Shipped weights live in `weights/` as safetensors: the encoder, shared by every variant, is stored once
+(`encoder.safetensors`) and each variant's decoders separately (`mbmamba-s.decoders.safetensors`, ...), and
+`weights/manifest.json` records their lineage and measured PSNR/SSIM. The loader assembles the pieces; it
+also accepts single-file checkpoints written by `mbmamba train` and other tools' layouts (`params_ema`,
+`params`, `state_dict`, `model` wrappers and `module.` prefixes). Loading is always strict: a checkpoint that
+does not fit the requested variant fails with the detected variant and the differing keys named.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mbmamba_cli.log import get_logger
+from mbmamba_cli.models.variants import VARIANTS, build_model, get_variant
+
+log = get_logger(__name__)
+
+# NOTE: the shipped weights are found next to the source tree (editable installs and clones); a wheel
+# install must point MBMAMBA_WEIGHTS_DIR at a copy of the repository's `weights/` folder.
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+ENCODER_FILE = "encoder.safetensors"
+MANIFEST_FILE = "manifest.json"
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "ema")
+PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint could not be read or does not fit the requested model."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """No weights exist for the requested variant."""
+
+
+@dataclass
+class WeightsInfo:
+    """Where a model's weights came from and what the manifest says about them."""
+
+    variant: str
+    source: str
+    manifest: dict[str, Any] | None = None
+    beats_input: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """One line for logs: variant, source and training steps."""
+        steps = (self.manifest or {}).get("steps")
+        trained = f", {steps} training steps" if steps is not None else ""
+        return f"{get_variant(self.variant).display_name} from {self.source}{trained}"
+
+    def quality_warning(self) -> str | None:
+        """A one-line warning when the manifest says these weights do not beat the blurred input."""
+        if self.beats_input is not False or not self.manifest:
+            return None
+        parts = []
+        for name, scores in self.manifest.get("metrics", {}).items():
+            if "psnr" in scores and "input_psnr" in scores:
+                parts.append(f"{name} {scores['psnr']:.2f} dB vs input {scores['input_psnr']:.2f} dB")
+        measured = "; ".join(parts) if parts else "no measurements recorded"
+        return (
+            f"the shipped {get_variant(self.variant).display_name} weights do not yet beat the blurred "
+            f"input on mean PSNR ({measured}); train better ones with `mbmamba train` (see README)"
+        )
+
+
+def weights_dir() -> Path:
+    """The folder of shipped weights: MBMAMBA_WEIGHTS_DIR if set, else `weights/` in the source tree."""
+    return Path(os.environ.get("MBMAMBA_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR))
+
+
+def decoders_file(variant: str) -> str:
+    """File name of a variant's decoders inside the weights folder."""
+    return f"{get_variant(variant).display_name}.decoders.safetensors"
+
+
+def read_manifest(folder: Path | None = None) -> dict[str, Any]:
+    """The shipped manifest, or an empty one when the folder has none."""
+    path = (folder or weights_dir()) / MANIFEST_FILE
+    if not path.is_file():
+        return {"variants": {}}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{path} is not valid JSON ({error}); restore it with git checkout") from error
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file: safetensors, or a .pth/.pt/.ckpt through `torch.load(weights_only=True)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {path} not found; check the path given to --weights")
+
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorsError, OSError) as error:
+            raise WeightsError(f"{path} is not a readable safetensors file: {error}") from error
+
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise WeightsError(
+            f"{path} is a pickled checkpoint that holds objects other than tensors, so it cannot be "
+            "loaded safely (torch.load with weights_only=True). Re-save its state dict from the program "
+            "that wrote it (torch.save(model.state_dict(), ...)), or convert it to safetensors."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise WeightsError(f"{path} could not be read as a PyTorch checkpoint: {error}") from error
+    if not isinstance(loaded, dict):
+        raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def canonicalize_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Unwrap `params_ema`/`params`/`state_dict`/`model` and strip `module.`-style prefixes."""
+    for key in WRAPPER_KEYS:
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+
+    canonical = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        canonical[key] = value
+    return canonical
+
+
+def detect_variant(state: dict[str, torch.Tensor]) -> str:
+    """Tell the variant from the keys of a canonical state dict ("s", "b", "l" or "unet")."""
+    decoder_ids = {key.split(".")[1] for key in state if key.startswith("decoders.")}
+    has_mamba = any(".mamba." in key for key in state)
+
+    if not decoder_ids:
+        raise WeightsError("the checkpoint has no decoder tensors (keys 'decoders.*'); is it an MBMamba one?")
+    if not has_mamba:
+        return "unet"
+    by_count = {spec.sub_decoders: spec.name for spec in VARIANTS.values() if spec.block == "memvssm"}
+    if len(decoder_ids) not in by_count:
+        raise WeightsError(f"the checkpoint has {len(decoder_ids)} sub-decoders; no variant has that many")
+    return by_count[len(decoder_ids)]
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model` strictly, naming the detected variant and the differing keys on failure."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state)
+        if state[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mismatched:
+        name = model.spec.display_name if hasattr(model, "spec") else type(model).__name__
+        try:
+            detected = get_variant(detect_variant(state)).display_name
+        except WeightsError as error:
+            detected = f"unknown ({error})"
+        raise WeightsError(
+            f"{source} does not fit {name}: detected variant {detected}; "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}. "
+            "Pass the matching --variant, or the right --weights file."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write tensors (made contiguous, on CPU) and string metadata to a safetensors file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def split_for_shipping(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Split a full state dict into (encoder tensors, decoder tensors) as stored in `weights/`."""
+    encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    decoders = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    return encoder, decoders
+
+
+def shipped_state_dict(variant: str, folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """Assemble a variant's full state dict from the shared encoder and its decoders file."""
+    folder = folder or weights_dir()
+    spec = get_variant(variant)
+    encoder_path, decoder_path = folder / ENCODER_FILE, folder / decoders_file(spec.name)
+    if not encoder_path.is_file() or not decoder_path.is_file():
+        shipped = ", ".join(shipped_variants(folder)) or "none"
+        raise WeightsNotFoundError(
+            f"no shipped weights for {spec.display_name} (looked for {decoder_path}; shipped: {shipped}). "
+            f"Train them with `mbmamba train --config configs/stage2-{spec.name}.json`, then pass "
+            "--weights runs/<run>/final.safetensors, or use --variant s."
+        )
+
+    state = load_state_dict_file(encoder_path)
+    state.update(load_state_dict_file(decoder_path))
+    return state
+
+
+def shipped_variants(folder: Path | None = None) -> list[str]:
+    """Short names of the variants whose weight files are present."""
+    folder = folder or weights_dir()
+    if not (folder / ENCODER_FILE).is_file():
+        return []
+    return [name for name in VARIANTS if (folder / decoders_file(name)).is_file()]
+
+
+def load_model(
+    variant: str, weights: Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, WeightsInfo]:
+    """Build a variant and load its weights (the shipped ones when `weights` is None), in eval mode."""
+    spec = get_variant(variant)
+
+    if weights is None:
+        state = shipped_state_dict(spec.name)
+        manifest = read_manifest().get("variants", {}).get(spec.name)
+        info = WeightsInfo(spec.name, f"shipped weights in {weights_dir()}", manifest)
+        if manifest is not None:
+            info.beats_input = manifest.get("beats_input")
+    else:
+        state = canonicalize_state_dict(load_state_dict_file(Path(weights)))
+        info = WeightsInfo(spec.name, str(weights))
+
+    model = build_model(spec.name)
+    load_into(model, {k: v.float() for k, v in state.items()}, info.source)
+    model.to(device).eval()
+    return model, info

@@ -1,0 +1,144 @@
+"""Checkpoint loading: wrappers, prefixes, strictness, pickles and the shipped layout."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_mbmamba
+
+from mbmamba_cli.models import build_model
+from mbmamba_cli.models.weights import (
+    ENCODER_FILE,
+    WeightsError,
+    WeightsInfo,
+    WeightsNotFoundError,
+    canonicalize_state_dict,
+    decoders_file,
+    detect_variant,
+    load_into,
+    load_model,
+    load_state_dict_file,
+    save_safetensors,
+    split_for_shipping,
+)
+
+
+def meta_state(variant: str) -> dict:
+    with torch.device("meta"):
+        return build_model(variant).state_dict()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"params_ema": sd},
+        lambda sd: {"params": sd, "iter": 5},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+    ],
+)
+def test_canonicalize_unwraps_and_strips(wrap):
+    state = tiny_mbmamba().state_dict()
+
+    canonical = canonicalize_state_dict(wrap(state))
+
+    assert canonical.keys() == state.keys()
+
+
+@pytest.mark.parametrize("variant", ["s", "b", "l", "unet"])
+def test_detect_variant_from_keys(variant):
+    assert detect_variant(meta_state(variant)) == variant
+
+
+def test_wrong_variant_names_detected_one():
+    with torch.device("meta"):
+        model_b = build_model("b")
+
+    with pytest.raises(WeightsError) as error:
+        load_into(model_b, meta_state("s"), "s.safetensors")
+
+    message = str(error.value)
+    assert "detected variant mbmamba-s" in message
+    assert "missing keys" in message
+    assert "--variant" in message
+
+
+def test_safetensors_round_trip(tmp_path):
+    source, target = tiny_mbmamba().eval(), tiny_mbmamba().eval()
+    path = tmp_path / "tiny.safetensors"
+
+    save_safetensors(source.state_dict(), path, {"variant": "tiny"})
+    load_into(target, load_state_dict_file(path), str(path))
+    x = torch.rand(1, 3, 20, 20)
+
+    assert torch.equal(source(x), target(x))
+
+
+def test_plain_pth_loads_with_weights_only(tmp_path):
+    state = tiny_mbmamba().state_dict()
+    path = tmp_path / "plain.pth"
+    torch.save({"params": state}, path)
+
+    loaded = canonicalize_state_dict(load_state_dict_file(path))
+
+    assert loaded.keys() == state.keys()
+
+
+class _Custom:
+    pass
+
+
+def test_pickled_objects_rejected_with_advice(tmp_path):
+    path = tmp_path / "old.pth"
+    with path.open("wb") as handle:
+        pickle.dump({"model": _Custom()}, handle)
+
+    with pytest.raises(WeightsError, match="cannot be loaded safely"):
+        load_state_dict_file(path)
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="nope.safetensors"):
+        load_state_dict_file(tmp_path / "nope.safetensors")
+
+
+def test_missing_shipped_variant_says_how_to_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBMAMBA_WEIGHTS_DIR", str(tmp_path))
+
+    with pytest.raises(WeightsNotFoundError, match="mbmamba train"):
+        load_model("l")
+
+
+def test_shipped_layout_assembles_half_precision(tmp_path, monkeypatch):
+    model = build_model("s").eval()
+    encoder, decoders = split_for_shipping({k: v.half() for k, v in model.state_dict().items()})
+    save_safetensors(encoder, tmp_path / ENCODER_FILE, {})
+    save_safetensors(decoders, tmp_path / decoders_file("s"), {})
+    manifest = {"variants": {"s": {"steps": 7, "beats_input": False, "metrics": {}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("MBMAMBA_WEIGHTS_DIR", str(tmp_path))
+
+    loaded, info = load_model("s")
+
+    first = next(iter(model.state_dict()))
+    assert torch.equal(loaded.state_dict()[first], model.state_dict()[first].half().float())
+    assert loaded.state_dict()[first].dtype == torch.float32
+    assert info.beats_input is False
+    assert "7 training steps" in info.summary
+
+
+def test_quality_warning_quotes_measurements():
+    manifest = {"metrics": {"levin09": {"psnr": 24.1, "input_psnr": 24.5}}}
+    info = WeightsInfo("s", "shipped", manifest, beats_input=False)
+
+    warning = info.quality_warning()
+
+    assert "24.10 dB vs input 24.50 dB" in warning
+
+
+def test_no_warning_when_weights_beat_input():
+    info = WeightsInfo("s", "shipped", {"metrics": {}}, beats_input=True)
+
+    assert info.quality_warning() is None
