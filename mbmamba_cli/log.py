@@ -1,6 +1,7 @@
-"""Logging set-up shared by every command: a Rich handler on stderr, one line per decision."""
+"""Logging set-up shared by every command: one line per decision on stderr, through Rich on a terminal."""
 
 import logging
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -16,10 +17,17 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> logging.Logger:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
-    handler = RichHandler(
-        console=stderr_console, show_path=False, show_time=False, markup=False, rich_tracebacks=False
-    )
-    handler.setFormatter(logging.Formatter("%(message)s"))
+
+    # Rich wraps at 80 columns when stderr is not a terminal, which splits long paths in log files, so
+    # pipelines get plain one-line records instead.
+    if stderr_console.is_terminal:
+        handler: logging.Handler = RichHandler(
+            console=stderr_console, show_path=False, show_time=False, markup=False, rich_tracebacks=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

@@ -100,8 +100,9 @@ def test_memvssm_memory_is_detached(monkeypatch):
     output = block(torch.zeros(1, 16, 5, 5))
     output[:, 4:8].sum().backward()  # the second fused chunk only
 
-    assert scanned[0].grad is None
-    assert scanned[1].grad is not None
+    first_grad = scanned[0].grad
+    assert first_grad is None or torch.count_nonzero(first_grad) == 0
+    assert torch.count_nonzero(scanned[1].grad) > 0
 
 
 def test_memvssm_rejects_indivisible_chunks():
@@ -192,7 +193,7 @@ def test_mamba_macs_equal_hand_formula():
 
     linear = length * (d_model * 2 * d_inner + d_inner * (rank + 2 * states) + rank * d_inner)
     linear += length * d_inner * d_model
-    conv = length * d_inner * 4
+    conv = (length + 3) * d_inner * 4  # F.conv1d pads both sides by w - 1, then the tail is cut
     scan = 4.5 * length * d_inner * states
     assert report.macs == linear + conv + scan
     assert report.scan_macs == scan
