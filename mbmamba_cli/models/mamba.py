@@ -89,8 +89,8 @@ class Mamba(nn.Module):
             x,
             delta,
             A,
-            B.transpose(1, 2).contiguous(),  # (b, n, l)
-            C.transpose(1, 2).contiguous(),  # (b, n, l)
+            B.transpose(1, 2),  # (b, n, l)
+            C.transpose(1, 2),  # (b, n, l)
             D=self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),
