@@ -27,3 +27,13 @@ test: lint
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
+
+# Fill the git-ignored gpu_data/ (sharp crops, kernels, real pairs) and gpu_wheels/ from ../shared/data
+# and PyPI, for a GPU machine without network; pass both folders in the device tool's `carry`.
+gpu-data: setup
+	$(PY) scripts/make_gpu_data.py
+
+# Run on the GPU machine from the repository root: fine-tune for GPU_TRAIN_MINUTES (default 6) and
+# write weights, metrics.csv and train.log to $$OUT. Needs no virtualenv there, so no `setup`.
+gpu-train:
+	bash scripts/gpu_train.sh

@@ -144,7 +144,7 @@ def test_available_backends_cpu():
 
 
 def test_resolve_auto_on_cpu_picks_torch(caplog):
-    with caplog.at_level(logging.INFO, logger="mbmamba"):
+    with caplog.at_level(logging.DEBUG, logger="mbmamba"):
         name, reason = resolve_backend("auto", "cpu")
 
     assert name == "torch"

@@ -16,6 +16,8 @@ from mbmamba_cli.models.weights import (
     canonicalize_state_dict,
     decoders_file,
     detect_variant,
+    fill_identity_blocks,
+    identity_blocks,
     load_into,
     load_model,
     load_state_dict_file,
@@ -113,7 +115,7 @@ def test_missing_shipped_variant_says_how_to_train(tmp_path, monkeypatch):
 
 def test_shipped_layout_assembles_half_precision(tmp_path, monkeypatch):
     model = build_model("s").eval()
-    encoder, decoders = split_for_shipping({k: v.half() for k, v in model.state_dict().items()})
+    encoder, decoders, omitted = split_for_shipping({k: v.half() for k, v in model.state_dict().items()})
     save_safetensors(encoder, tmp_path / ENCODER_FILE, {})
     save_safetensors(decoders, tmp_path / decoders_file("s"), {})
     manifest = {"variants": {"s": {"steps": 7, "beats_input": False, "metrics": {}}}}
@@ -125,8 +127,12 @@ def test_shipped_layout_assembles_half_precision(tmp_path, monkeypatch):
     first = next(iter(model.state_dict()))
     assert torch.equal(loaded.state_dict()[first], model.state_dict()[first].half().float())
     assert loaded.state_dict()[first].dtype == torch.float32
+    assert len(omitted) == 22  # every untrained encoder block is an identity and is left out
     assert info.beats_input is False
     assert "7 training steps" in info.summary
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-2)
 
 
 def test_quality_warning_quotes_measurements():
@@ -142,3 +148,26 @@ def test_no_warning_when_weights_beat_input():
     info = WeightsInfo("s", "shipped", {"metrics": {}}, beats_input=True)
 
     assert info.quality_warning() is None
+
+
+def test_identity_blocks_need_zero_scales():
+    state = tiny_mbmamba().state_dict()
+    state["encoder.levels.0.0.ffn.scale"] = torch.full_like(state["encoder.levels.0.0.ffn.scale"], 0.1)
+
+    omitted = identity_blocks(state)
+
+    assert "encoder.levels.0.0." not in omitted
+    assert "encoder.levels.1.0." in omitted
+
+
+def test_fill_identity_blocks_leaves_active_blocks_missing():
+    model = tiny_mbmamba()
+    state = model.state_dict()
+    state["encoder.levels.0.0.scale"] = torch.ones_like(state["encoder.levels.0.0.scale"])
+    del state["encoder.levels.0.0.expand.weight"]
+    del state["encoder.levels.1.0.expand.weight"]
+
+    filled = fill_identity_blocks(state, model)
+
+    assert "encoder.levels.0.0.expand.weight" not in filled
+    assert "encoder.levels.1.0.expand.weight" in filled

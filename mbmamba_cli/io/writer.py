@@ -89,7 +89,7 @@ def write_image(
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be from 1 to 100, got {quality}")
 
-    rgb = _checked_pixels(path, pixels, like)
+    rgb = np.ascontiguousarray(_checked_pixels(path, pixels, like))
     _check_size_limit(path, file_format, like)
     plan = _plan_output(path, like, file_format)
     encoded = _encode(path, rgb, like, plan, file_format, quality)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,24 +201,78 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     os.replace(temporary, path)
 
 
-def split_for_shipping(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Split a full state dict into (encoder tensors, decoder tensors) as stored in `weights/`."""
-    encoder = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    decoders = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    return encoder, decoders
+# An encoder NAFNet block: "encoder.levels.<level>.<index>." or "encoder.middle.<index>.".
+_ENCODER_BLOCK = re.compile(r"^(encoder\.(?:levels\.\d+\.\d+|middle\.\d+)\.)")
+
+
+def _encoder_block(key: str) -> str | None:
+    match = _ENCODER_BLOCK.match(key)
+    return match.group(1) if match else None
+
+
+def _is_identity(state: dict[str, torch.Tensor], block: str) -> bool:
+    scale, ffn_scale = state.get(block + "scale"), state.get(block + "ffn.scale")
+    return scale is not None and ffn_scale is not None and not scale.any() and not ffn_scale.any()
+
+
+def identity_blocks(state: dict[str, torch.Tensor]) -> list[str]:
+    """Prefixes of encoder NAFNet blocks whose two residual scales are all zero.
+
+    Such a block returns its input exactly whatever its other weights are (x + 0 * y), so the shipped
+    files leave those weights out and the loader fills them from a freshly built model.
+    """
+    blocks = sorted({block for key in state if (block := _encoder_block(key))})
+    return [block for block in blocks if _is_identity(state, block)]
+
+
+def split_for_shipping(state: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
+    """Split a full state dict into (encoder tensors, decoder tensors, omitted identity blocks).
+
+    The encoder part leaves out the blocks listed by `identity_blocks` except their zero scales, which
+    stay so that the loader can check that each omitted block really is an identity.
+    """
+    omitted = set(identity_blocks(state))
+    encoder, decoders = {}, {}
+    for key, value in state.items():
+        if not key.startswith("encoder."):
+            decoders[key] = value
+            continue
+        block = _encoder_block(key)
+        if block not in omitted or key in (f"{block}scale", f"{block}ffn.scale"):
+            encoder[key] = value
+    return encoder, decoders, sorted(omitted)
+
+
+def fill_identity_blocks(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Complete a shipped encoder whose identity blocks were left out, from `model`'s own weights.
+
+    Only keys of blocks whose stored residual scales are zero are filled, so the filled values cannot
+    change the output; any other missing key stays missing and strict loading reports it.
+    """
+    filled = dict(state)
+    for key, value in model.state_dict().items():
+        block = _encoder_block(key)
+        if key not in state and block is not None and _is_identity(state, block):
+            filled[key] = value
+    return filled
 
 
 def shipped_state_dict(variant: str, folder: Path | None = None) -> dict[str, torch.Tensor]:
-    """Assemble a variant's full state dict from the shared encoder and its decoders file."""
+    """Assemble a variant's state dict from the shared encoder and its decoders file.
+
+    Encoder blocks left out as identities are not filled here; `load_model` fills them.
+    """
     folder = folder or weights_dir()
     spec = get_variant(variant)
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / decoders_file(spec.name)
     if not encoder_path.is_file() or not decoder_path.is_file():
-        shipped = ", ".join(shipped_variants(folder)) or "none"
+        available = shipped_variants(folder)
+        alternative = f", or use --variant {available[0]}" if available else ""
         raise WeightsNotFoundError(
-            f"no shipped weights for {spec.display_name} (looked for {decoder_path}; shipped: {shipped}). "
-            f"Train them with `mbmamba train --config configs/stage2-{spec.name}.json`, then pass "
-            "--weights runs/<run>/final.safetensors, or use --variant s."
+            f"no shipped weights for {spec.display_name} (looked for {decoder_path}; shipped: "
+            f"{', '.join(available) or 'none'}). Train them with `mbmamba train --config "
+            f"configs/stage2-{spec.name}.json`, then pass --weights runs/<run>/final.safetensors"
+            f"{alternative}."
         )
 
     state = load_state_dict_file(encoder_path)
@@ -250,6 +305,7 @@ def load_model(
         info = WeightsInfo(spec.name, str(weights))
 
     model = build_model(spec.name)
+    state = fill_identity_blocks(state, model)
     load_into(model, {k: v.float() for k, v in state.items()}, info.source)
     model.to(device).eval()
     return model, info

@@ -76,7 +76,7 @@ def resolve_backend(requested: str, device: str | torch.device) -> tuple[str, st
         else:
             name, reason = "torch", f"auto: {status}"
 
-    logger.info("kernel backend: %s (%s)", name, reason)
+    logger.debug("kernel backend: %s (%s)", name, reason)
     return name, reason
 
 
