@@ -39,9 +39,9 @@ class VariantSpec:
 VARIANTS: dict[str, VariantSpec] = {
     spec.name: spec
     for spec in (
-        VariantSpec("s", "mbmamba-s", 1, "memvssm", 48_673_659, 54_458_301_440, 54_000_000_000),
-        VariantSpec("b", "mbmamba-b", 2, "memvssm", 53_233_334, 70_909_831_168, 74_000_000_000),
-        VariantSpec("l", "mbmamba-l", 4, "memvssm", 62_352_684, 103_812_890_624, 105_000_000_000),
+        VariantSpec("s", "mbmamba-s", 1, "memvssm", 48_673_659, 54_458_273_792, 54_000_000_000),
+        VariantSpec("b", "mbmamba-b", 2, "memvssm", 53_233_334, 70_909_775_872, 74_000_000_000),
+        VariantSpec("l", "mbmamba-l", 4, "memvssm", 62_352_684, 103_812_780_032, 105_000_000_000),
         VariantSpec(
             "unet",
             "unet-baseline",

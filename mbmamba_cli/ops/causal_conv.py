@@ -50,11 +50,9 @@ def causal_conv1d(
 
     if backend == "torch":
         channels, width = weight.shape
-        length = x.shape[-1]
-        out = F.conv1d(
-            x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=channels
-        )
-        out = out[..., :length]
+        # Left padding only: exactly l outputs are computed, none thrown away.
+        padded = F.pad(x.to(weight.dtype), (width - 1, 0))
+        out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=channels)
         if activation is not None:
             out = F.silu(out)
         return out.to(x.dtype)
