@@ -397,3 +397,24 @@ def test_cuda_peak_memory_follows_tile() -> None:
 
     # 16 times the pixels; the image would need 12 MB on the device, a tile 0.2 MB.
     assert peaks[1] < 1.5 * peaks[0]
+
+
+def test_cpu_default_budget_is_capped(monkeypatch):
+    from mbmamba_cli.inference import tiling
+
+    monkeypatch.setattr(tiling, "available_host_memory", lambda: (64 * 1024**3, "test"))
+
+    budget, reason = tiling.default_memory_budget(torch.device("cpu"))
+
+    assert budget == tiling.CPU_BUDGET_CAP
+    assert "--max-memory" in reason
+
+
+def test_cpu_default_budget_follows_small_hosts(monkeypatch):
+    from mbmamba_cli.inference import tiling
+
+    monkeypatch.setattr(tiling, "available_host_memory", lambda: (2 * 1024**3, "test"))
+
+    budget, _ = tiling.default_memory_budget(torch.device("cpu"))
+
+    assert budget == 1024**3

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mbmamba_cli.log import get_logger
-from mbmamba_cli.models import set_scan_backend
+from mbmamba_cli.models import set_chunk_batching, set_scan_backend
 from mbmamba_cli.models.weights import save_safetensors
 from mbmamba_cli.ops.backends import resolve_backend
 from mbmamba_cli.training.checkpoint import (
@@ -270,6 +270,7 @@ class Trainer:
 
         backend, reason = resolve_backend(config.model.scan_backend, self.device)
         set_scan_backend(model, backend)
+        set_chunk_batching(model, self.device.type == "cuda")  # as the inference engine does
         logger.info("scan backend %s (%s)", backend, reason)
 
         self.model = model.to(self.device)
