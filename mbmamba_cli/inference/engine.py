@@ -27,6 +27,7 @@ from mbmamba_cli.inference.tiling import (
     TileShape,
     choose_tile,
     default_memory_budget,
+    fit_tile_to_image,
     format_bytes,
     halve_tile,
     memory_estimate_for,
@@ -161,6 +162,7 @@ class Deblurrer:
             budget, source = self._budget(height, width)
             shape = choose_tile(height, width, budget, self.memory_estimate, self.multiple_of, self.min_tile)
             shape = TileShape(shape.height, shape.width, f"auto: {shape.reason}; budget from {source}")
+            shape = self._fit_to_image(shape, height, width, budget)
 
         limit = self._tile_limit
         if limit is not None and (shape.height > limit.height or shape.width > limit.width):
@@ -170,6 +172,30 @@ class Deblurrer:
                 f"capped at {limit.height}x{limit.width} after an earlier out-of-memory error",
             )
         return shape
+
+    def _fit_to_image(self, shape: TileShape, height: int, width: int, budget: int) -> TileShape:
+        """Reshape a square auto tile when another shape within the budget computes fewer pixels."""
+        if (shape.height, shape.width) == (height, width):
+            return shape
+        fitted = fit_tile_to_image(
+            height,
+            width,
+            self.memory_estimate.max_pixels(budget),
+            self.tile_overlap,
+            self.multiple_of,
+            self.min_tile,
+        )
+        square = plan_grid(height, width, shape.height, shape.width, self.tile_overlap, self.multiple_of)
+        square_pixels = square.count * shape.height * shape.width
+        if fitted is None or fitted[2] >= square_pixels:
+            return shape
+        tile_h, tile_w, pixels = fitted
+        return TileShape(
+            tile_h,
+            tile_w,
+            f"{shape.reason}; reshaped from {shape.height}x{shape.width} to compute "
+            f"{pixels / (height * width):.2f}x the image instead of {square_pixels / (height * width):.2f}x",
+        )
 
     def _budget(self, height: int, width: int) -> tuple[int, str]:
         """Return the bytes one tile's forward may use, and where the number came from."""

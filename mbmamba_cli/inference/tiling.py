@@ -271,6 +271,46 @@ def choose_tile(
     return TileShape(tile_h, tile_w, reason)
 
 
+def fit_tile_to_image(
+    height: int,
+    width: int,
+    max_pixels: int,
+    overlap: int,
+    multiple_of: int = 16,
+    min_tile: int = MIN_TILE,
+) -> tuple[int, int, int] | None:
+    """Shape the tile so the grid computes the fewest pixels: returns (tile_h, tile_w, pixels) or None.
+
+    A square tile wastes work on images that are not multiples of it: 672x672 tiles over a 720x1280
+    frame form a 2x2 grid that computes 1.96 times the frame, while 720x448 tiles need 3 tiles and
+    1.05 times. Every row count is tried; for each, the tile spans its share of the height and takes
+    the widest width the pixel budget (padded to `multiple_of`) allows, spread evenly over the columns.
+    """
+    best = None
+    max_rows = max(1, math.ceil(height / max(multiple_of, min_tile - overlap)))
+    for rows in range(1, max_rows + 1):
+        tile_h = height if rows == 1 else math.ceil((height + (rows - 1) * overlap) / rows)
+        tile_h = min(height, _round_up(tile_h, multiple_of))
+        if rows > 1 and tile_h < min(min_tile, height):
+            break
+        max_w = _round_down(max_pixels // _round_up(tile_h, multiple_of), multiple_of)
+        if max_w < min(min_tile, width):
+            continue
+
+        if max_w >= width:
+            tile_w = width
+        else:
+            columns = math.ceil((width - overlap) / max(1, max_w - overlap))
+            tile_w = _round_up(math.ceil((width + (columns - 1) * overlap) / columns), multiple_of)
+            tile_w = min(width, tile_w, max_w)
+
+        grid = plan_grid(height, width, tile_h, tile_w, overlap, multiple_of)
+        pixels = grid.count * _round_up(tile_h, multiple_of) * _round_up(tile_w, multiple_of)
+        if best is None or pixels < best[2]:
+            best = (tile_h, tile_w, pixels)
+    return best
+
+
 def halve_tile(shape: TileShape, multiple_of: int = 16, min_tile: int = MIN_TILE) -> TileShape | None:
     """Halve both sides of a tile (rounded down to `multiple_of`), or return None below `min_tile`."""
     longest = max(shape.height, shape.width)
