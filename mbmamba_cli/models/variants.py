@@ -2,7 +2,8 @@
 
 Params and MACs were measured with `count_macs` at 1x3x256x256 (multiply-accumulates of convolutions and
 matrix products from `torch.utils.flop_counter`, plus 4.5 b l d n per selective scan; element-wise ops
-excluded). The paper reports these MACs under the name "FLOPs": 54 G (S), 74 G (B) and 105 G (L).
+excluded). Gao et al. (MBMamba, 2025, Table VI) print these MACs under the name "FLOPs": 54 G (S),
+74 G (B) and 105 G (L).
 """
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from torch import nn
 
 from mbmamba_cli.models.mbmamba import RestorationNet, memvssm_block, naf_block
 
-# Calibrated so S, B and L land within 5% of the paper's MACs: +0.8%, -4.2% and -1.1%.
+# Calibrated so S, B and L land within 5% of those MACs: +0.8%, -4.2% and -1.1%.
 WIDTH = 64
 ENCODER_BLOCKS = (1, 1, 1, 18)  # full, 1/2, 1/4, 1/8 scale
 MIDDLE_BLOCKS = 1  # 1/16 scale
@@ -22,7 +23,7 @@ MEMORY_DEPTH = 4  # K fused chunks kept in the memory bank
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """What a model is and what it supports; checked by the loader, the engine and the trainer."""
+    """A model's structure and limits, checked by the loader, the engine and the trainer."""
 
     name: str
     display_name: str
@@ -30,7 +31,7 @@ class VariantSpec:
     block: str  # "memvssm" or "naf"
     params: int  # measured, see module docstring
     macs: int  # measured at 1x3x256x256
-    paper_macs: int | None  # the paper's "FLOPs(G)" column, for comparison
+    paper_macs: int | None  # Gao et al.'s "FLOPs(G)" column, for comparison
     multiple_of: int = 16  # inputs are padded to this inside forward; any size is accepted
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     train_patch: int = 256

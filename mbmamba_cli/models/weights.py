@@ -46,7 +46,7 @@ class WeightsNotFoundError(WeightsError):
 
 @dataclass
 class WeightsInfo:
-    """Where a model's weights came from and what the manifest says about them."""
+    """Where a model's weights came from and what the manifest records about them."""
 
     variant: str
     source: str
@@ -62,7 +62,7 @@ class WeightsInfo:
         return f"{get_variant(self.variant).display_name} from {self.source}{trained}"
 
     def quality_warning(self) -> str | None:
-        """A one-line warning when the manifest says these weights do not beat the blurred input."""
+        """Return a one-line warning when the manifest records that the weights do not beat the input."""
         if self.beats_input is not False or not self.manifest:
             return None
         parts = []
