@@ -438,10 +438,11 @@ def test_fitted_tile_computes_few_pixels(size):
     assert pixels <= square.count * (-(-square_h // 16) * 16) * (-(-square_w // 16) * 16)
 
 
-def test_engine_reshapes_square_tiles_for_720p(caplog):
+def test_engine_reshapes_square_tiles_for_720p():
     model = nn.Conv2d(3, 3, 3, padding=1)
     estimate = MemoryEstimate(bytes_per_pixel=100, fixed_bytes=0, source="test")
-    engine = Deblurrer(model, "cpu", "fp32", tile="auto", max_memory=672 * 672 * 100, memory_estimate=estimate)
+    budget = 672 * 672 * 100
+    engine = Deblurrer(model, "cpu", "fp32", tile="auto", max_memory=budget, memory_estimate=estimate)
 
     shape = engine._initial_tile(720, 1280)
 

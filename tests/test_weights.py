@@ -141,7 +141,7 @@ def test_quality_warning_quotes_measurements():
 
     warning = info.quality_warning()
 
-    assert "24.10 dB vs input 24.50 dB" in warning
+    assert "PSNR 24.10 dB vs input 24.50 dB" in warning
 
 
 def test_no_warning_when_weights_beat_input():
@@ -171,3 +171,53 @@ def test_fill_identity_blocks_leaves_active_blocks_missing():
 
     assert "encoder.levels.0.0.expand.weight" not in filled
     assert "encoder.levels.1.0.expand.weight" in filled
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"hello, these are notes\n", "not a PyTorch checkpoint"),
+        (bytes(range(256)) * 4, "not a PyTorch checkpoint"),
+        (b"", "is empty"),
+    ],
+)
+def test_junk_weights_file_gives_clear_error(tmp_path, content, expected):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+
+    with pytest.raises(WeightsError, match=expected):
+        load_state_dict_file(path)
+
+
+def test_weights_folder_is_rejected(tmp_path):
+    with pytest.raises(WeightsError, match="is a folder"):
+        load_state_dict_file(tmp_path)
+
+
+def test_training_checkpoint_uses_ema_weights():
+    model_state = tiny_mbmamba().state_dict()
+    ema_state = {key: value + 1 for key, value in model_state.items()}
+    checkpoint = {f"model.{k}": v for k, v in model_state.items()}
+    checkpoint.update({f"ema.{k}": v for k, v in ema_state.items()})
+    checkpoint["optim.state.0.exp_avg"] = torch.zeros(3)
+
+    canonical = canonicalize_state_dict(checkpoint)
+
+    assert canonical.keys() == model_state.keys()
+    first = next(iter(model_state))
+    assert torch.equal(canonical[first], ema_state[first])
+
+
+def test_custom_architecture_file_is_rejected(tmp_path):
+    path = tmp_path / "final.safetensors"
+    save_safetensors(tiny_mbmamba().state_dict(), path, {"variant": "custom", "display_name": "width 16"})
+
+    with pytest.raises(WeightsError, match="custom architecture"):
+        load_model("s", path)
+
+
+def test_missing_unet_weights_name_stage_one_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBMAMBA_WEIGHTS_DIR", str(tmp_path))
+
+    with pytest.raises(WeightsNotFoundError, match="stage1-unet.json"):
+        load_model("unet")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,11 +68,15 @@ class WeightsInfo:
         parts = []
         for name, scores in self.manifest.get("metrics", {}).items():
             if "psnr" in scores and "input_psnr" in scores:
-                parts.append(f"{name} {scores['psnr']:.2f} dB vs input {scores['input_psnr']:.2f} dB")
+                ssim, input_ssim = scores.get("ssim", float("nan")), scores.get("input_ssim", float("nan"))
+                parts.append(
+                    f"{name} PSNR {scores['psnr']:.2f} dB vs input {scores['input_psnr']:.2f} dB, "
+                    f"SSIM {ssim:.4f} vs {input_ssim:.4f}"
+                )
         measured = "; ".join(parts) if parts else "no measurements recorded"
         return (
             f"the shipped {get_variant(self.variant).display_name} weights do not yet beat the blurred "
-            f"input on mean PSNR ({measured}); train better ones with `mbmamba train` (see README)"
+            f"input on mean PSNR and SSIM ({measured}); train better ones with `mbmamba train` (see README)"
         )
 
 
@@ -109,8 +113,14 @@ def sha256_of(path: Path) -> str:
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file: safetensors, or a .pth/.pt/.ckpt through `torch.load(weights_only=True)`."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(
+            f"{path} is a folder; pass a weights file such as {path / 'final.safetensors'}"
+        )
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} not found; check the path given to --weights")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty; pass a .safetensors or .pth weights file")
 
     if path.suffix == ".safetensors":
         try:
@@ -121,13 +131,24 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch.save files are zip archives ("PK"); older ones are raw pickles (protocol 2+: 0x80).
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head != b"PK" and head[:1] != b"\x80":
+            raise WeightsError(
+                f"{path} is not a PyTorch checkpoint (unpickling failed); pass a .safetensors or .pth file"
+            ) from error
         raise WeightsError(
             f"{path} is a pickled checkpoint that holds objects other than tensors, so it cannot be "
             "loaded safely (torch.load with weights_only=True). Re-save its state dict from the program "
             "that wrote it (torch.save(model.state_dict(), ...)), or convert it to safetensors."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise WeightsError(f"{path} could not be read as a PyTorch checkpoint: {error}") from error
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError) as error:
+        # torch.load raises many exception types on files that are not checkpoints at all.
+        raise WeightsError(
+            f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); "
+            "pass a .safetensors or .pth weights file"
+        ) from error
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     return loaded
@@ -139,6 +160,10 @@ def canonicalize_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
         if key in state and isinstance(state[key], dict):
             state = state[key]
             break
+
+    # A training checkpoint stores model.*, ema.*, optim.* and rng.* tensors: use the EMA weights.
+    if any(key.startswith("ema.") for key in state) and any(key.startswith("optim.") for key in state):
+        state = {key[len("ema.") :]: value for key, value in state.items() if key.startswith("ema.")}
 
     canonical = {}
     for key, value in state.items():
@@ -271,7 +296,7 @@ def shipped_state_dict(variant: str, folder: Path | None = None) -> dict[str, to
         raise WeightsNotFoundError(
             f"no shipped weights for {spec.display_name} (looked for {decoder_path}; shipped: "
             f"{', '.join(available) or 'none'}). Train them with `mbmamba train --config "
-            f"configs/stage2-{spec.name}.json`, then pass --weights runs/<run>/final.safetensors"
+            f"configs/{_training_config(spec.name)}`, then pass --weights runs/<run>/final.safetensors"
             f"{alternative}."
         )
 
@@ -280,12 +305,33 @@ def shipped_state_dict(variant: str, folder: Path | None = None) -> dict[str, to
     return state
 
 
+def _training_config(variant: str) -> str:
+    return "stage1-unet.json" if variant == "unet" else f"stage2-{variant}.json"
+
+
 def shipped_variants(folder: Path | None = None) -> list[str]:
     """Short names of the variants whose weight files are present."""
     folder = folder or weights_dir()
     if not (folder / ENCODER_FILE).is_file():
         return []
     return [name for name in VARIANTS if (folder / decoders_file(name)).is_file()]
+
+
+def _reject_custom_architecture(path: Path) -> None:
+    """Raise when a safetensors file from `mbmamba train` records a custom (non-variant) architecture."""
+    if path.suffix != ".safetensors" or not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return  # load_state_dict_file reports unreadable files
+    if metadata.get("variant") == "custom":
+        raise WeightsError(
+            f"{path} holds a custom architecture ({metadata.get('display_name', 'model.architecture')}) "
+            "trained from a config with model.architecture; deblur and eval run only the variants "
+            "s, b, l and unet. Train with --variant and no architecture override to use it here."
+        )
 
 
 def load_model(
@@ -301,6 +347,7 @@ def load_model(
         if manifest is not None:
             info.beats_input = manifest.get("beats_input")
     else:
+        _reject_custom_architecture(Path(weights))
         state = canonicalize_state_dict(load_state_dict_file(Path(weights)))
         info = WeightsInfo(spec.name, str(weights))
 
