@@ -15,6 +15,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mbmamba_cli import __version__
+
+        typer.echo(f"mbmamba {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Remove motion blur from photos with MBMamba."""
+
+
 def main() -> None:
     """Run the `mbmamba` command line."""
     from mbmamba_cli.cli import benchmark, deblur, evaluate, info, train  # noqa: F401  registers
