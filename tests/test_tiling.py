@@ -1,6 +1,7 @@
 """Tests of tile planning, blending, tile size choice and out-of-memory handling in the engine."""
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -448,3 +449,13 @@ def test_engine_reshapes_square_tiles_for_720p():
 
     assert (shape.height, shape.width) == (720, 448)
     assert "reshaped from 672x672" in shape.reason
+
+
+def test_small_tile_warns_about_lost_overlap(caplog):
+    engine = Deblurrer(nn.Identity(), "cpu", "fp32", tile=32, tile_overlap=32)
+
+    with caplog.at_level(logging.WARNING, logger="mbmamba"):
+        engine.deblur(np.zeros((100, 100, 3), np.float32))
+
+    assert "overlap" in caplog.text
+    assert "--tile" in caplog.text

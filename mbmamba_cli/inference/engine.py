@@ -215,6 +215,15 @@ class Deblurrer:
         plan = grid.describe()
         if plan != self._last_plan:
             logger.info("tiling: %s (%s)", plan, reason)
+            if not grid.is_whole_image and grid.overlap < self.tile_overlap:
+                logger.warning(
+                    "%dx%d tiles can keep only %d px of the requested %d px overlap, so seams may show; "
+                    "use a larger --tile",
+                    grid.tile_height,
+                    grid.tile_width,
+                    grid.overlap,
+                    self.tile_overlap,
+                )
             self._last_plan = plan
 
     def _run_grid(self, pixels: np.ndarray, grid: TileGrid) -> np.ndarray:
