@@ -74,7 +74,10 @@ class _Identity:
 
 
 def measure_sets(deblurrer: Any, data_root: Path, sets: tuple[str, ...] = tuple(EVALUATION_SETS)) -> dict:
-    """Score `deblurrer` and the blurred input on each evaluation set (gopro protocol: RGB, no crop)."""
+    """Score `deblurrer` and the blurred input on each evaluation set (gopro protocol: RGB, no crop).
+
+    Returns per set the mean scores and, under "pairs", every pair's scores.
+    """
     from mbmamba_cli.metrics.evaluate import evaluate_pairs
     from mbmamba_cli.metrics.pairing import pair_folders
 
@@ -103,7 +106,17 @@ def measure_sets(deblurrer: Any, data_root: Path, sets: tuple[str, ...] = tuple(
             scores.input_ssim,
             time.perf_counter() - started,
         )
-        results[name] = asdict(scores)
+        per_pair = {}
+        inputs = {result.name: result for result in input_report.results}
+        for result in model_report.results:
+            blurred = inputs[result.name]
+            per_pair[result.name] = {
+                "psnr": round(result.psnr, 4),
+                "ssim": round(result.ssim, 5),
+                "input_psnr": round(blurred.psnr, 4),
+                "input_ssim": round(blurred.ssim, 5),
+            }
+        results[name] = {**asdict(scores), "pairs": per_pair}
     return results
 
 
