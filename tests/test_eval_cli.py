@@ -393,3 +393,13 @@ def test_blur_with_real_engine(tmp_path):
     summary = _json_objects(result.stdout)[-1]
     assert summary["count"] == 1
     assert math.isfinite(summary["psnr"])
+
+
+def test_missing_weights_exit_two(tmp_path: Path) -> None:
+    gt, blur, _ = _folders(tmp_path)
+    missing = tmp_path / "none.safetensors"
+
+    result = _invoke("--blur", blur, "--gt", gt, "--weights", missing, "--device", "cpu")
+
+    assert result.exit_code == 2
+    assert "none.safetensors" in result.output

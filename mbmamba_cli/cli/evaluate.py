@@ -101,7 +101,8 @@ def evaluate(
 
     Pairs are matched by relative path without extension (a.png pairs with a.jpg).
 
-    A missing or extra file is an error that names the files, and the exit code is then 1.
+    A missing or extra file is an error that names the files, and the exit code is then 1; weights
+    that cannot be loaded give exit code 2, as in deblur.
     """
     from mbmamba_cli.inference.distributed import (
         close_process_group,
@@ -188,7 +189,7 @@ def _create_deblurrer(variant, weights, device, backend, precision, tile, tile_o
         if not isinstance(error, WeightsError):
             raise
         get_logger(__name__).error("%s", error)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None  # the same status as deblur: the command could not start
 
 
 def _run_with_progress(run, shard, pairs, protocol, deblurrer, untiled, show_progress):
