@@ -448,7 +448,7 @@ def test_engine_reshapes_square_tiles_for_720p():
     shape = engine._initial_tile(720, 1280)
 
     assert (shape.height, shape.width) == (720, 448)
-    assert "reshaped from 672x672" in shape.reason
+    assert "reshaped from 672x672 (WxH)" in shape.reason
 
 
 def test_small_tile_warns_about_lost_overlap(caplog):

@@ -193,7 +193,7 @@ class Deblurrer:
         return TileShape(
             tile_h,
             tile_w,
-            f"{shape.reason}; reshaped from {shape.height}x{shape.width} to compute "
+            f"{shape.reason}; reshaped from {shape.width}x{shape.height} (WxH) to compute "
             f"{pixels / (height * width):.2f}x the image instead of {square_pixels / (height * width):.2f}x",
         )
 

@@ -349,11 +349,11 @@ class TileGrid:
     def describe(self) -> str:
         """Describe the tile, overlap and grid sizes for a log line."""
         if self.is_whole_image:
-            return f"whole image {self.image_height}x{self.image_width} as one tile"
+            return f"whole image {self.image_width}x{self.image_height} (WxH) as one tile"
         rows, cols = len(self.ys), len(self.xs)
         return (
-            f"tile {self.tile_height}x{self.tile_width}, overlap {self.overlap} px, "
-            f"grid {rows}x{cols} ({self.count} tiles) over {self.image_height}x{self.image_width}"
+            f"tile {self.tile_width}x{self.tile_height} (WxH), overlap {self.overlap} px, "
+            f"grid {cols}x{rows} ({self.count} tiles) over {self.image_width}x{self.image_height}"
         )
 
     def tiles(self) -> Iterator[tuple[slice, slice, np.ndarray]]:
