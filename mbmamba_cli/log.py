@@ -14,7 +14,11 @@ stderr_console = Console(stderr=True)
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> logging.Logger:
     """Configure the package logger: WARNING with `quiet`, DEBUG with `verbose`, else INFO."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    level = logging.INFO
+    if quiet:
+        level = logging.WARNING
+    elif verbose:
+        level = logging.DEBUG
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
 

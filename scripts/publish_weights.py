@@ -23,6 +23,7 @@ from mbmamba_cli.log import setup_logging
 from mbmamba_cli.models import build_model
 from mbmamba_cli.models.weights import canonicalize_state_dict, load_into, load_state_dict_file, weights_dir
 from mbmamba_cli.training.publish import (
+    EVALUATION_SETS,
     HALF_PRECISION_BUDGET_DB,
     REAL_SETS,
     beats_blurred_input,
@@ -83,7 +84,6 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="measure only, write nothing")
     args = parser.parse_args()
     setup_logging()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     state, metadata = read_run(args.run)
     model = model_from_state(args.variant, state, str(args.run))
@@ -97,7 +97,7 @@ def main() -> int:
     shipped_model = half_model if use_half else model
 
     metrics = dict(half_levin if use_half else full)
-    others = tuple(name for name in ("gopro_deepdeblur", "lai2016_uniform"))
+    others = tuple(name for name in EVALUATION_SETS if name != "levin09")
     metrics.update(measure_sets(Deblurrer(shipped_model, "cpu", "fp32"), args.data, others))
     beats_input = all(beats_blurred_input(metrics[name]) for name in REAL_SETS)
 

@@ -35,13 +35,14 @@ class Decoder(nn.Module):
         self.ups = nn.ModuleList()
         self.stages = nn.ModuleList()
         channels = bottleneck_channels
+        stage_channels = []
         for count in stage_blocks:
             self.ups.append(Upsample(channels))
             channels //= 2
             self.stages.append(nn.Sequential(*[block(channels) for _ in range(count)]))
+            stage_channels.append(channels)
 
         # Heads that turn the last three stages' features into 3-channel residuals (1/4, 1/2, full).
-        stage_channels = [bottleneck_channels // 2 ** (i + 1) for i in range(len(stage_blocks))]
         self.heads = nn.ModuleList(nn.Conv2d(c, 3, 3, padding=1) for c in stage_channels[-3:])
 
         # Zero heads make an untrained decoder return its input unchanged, so training starts from the

@@ -27,8 +27,8 @@ from mbmamba_cli.models.variants import VARIANTS, build_model, get_variant
 
 log = get_logger(__name__)
 
-# NOTE: the shipped weights are found next to the source tree (editable installs and clones); a wheel
-# install must point MBMAMBA_WEIGHTS_DIR at a copy of the repository's `weights/` folder.
+# NOTE: the shipped weights are looked up next to the source tree, which works for clones and editable
+# installs. A wheel install must point MBMAMBA_WEIGHTS_DIR at a copy of the repository's `weights/`.
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 ENCODER_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -46,7 +46,7 @@ class WeightsNotFoundError(WeightsError):
 
 @dataclass
 class WeightsInfo:
-    """Where a model's weights came from and what the manifest records about them."""
+    """Origin of a model's weights and the manifest entry recorded for them."""
 
     variant: str
     source: str
@@ -81,7 +81,7 @@ class WeightsInfo:
 
 
 def weights_dir() -> Path:
-    """The folder of shipped weights: MBMAMBA_WEIGHTS_DIR if set, else `weights/` in the source tree."""
+    """Return the shipped weights folder: MBMAMBA_WEIGHTS_DIR if set, else `weights/` in the source tree."""
     return Path(os.environ.get("MBMAMBA_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR))
 
 
@@ -91,7 +91,7 @@ def decoders_file(variant: str) -> str:
 
 
 def read_manifest(folder: Path | None = None) -> dict[str, Any]:
-    """The shipped manifest, or an empty one when the folder has none."""
+    """Read the shipped manifest, or return an empty one when the folder has none."""
     path = (folder or weights_dir()) / MANIFEST_FILE
     if not path.is_file():
         return {"variants": {}}
@@ -139,7 +139,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 f"{path} is not a PyTorch checkpoint (unpickling failed); pass a .safetensors or .pth file"
             ) from error
         raise WeightsError(
-            f"{path} is a pickled checkpoint that holds objects other than tensors, so it cannot be "
+            f"{path} is a pickled checkpoint that contains objects other than tensors, so it cannot be "
             "loaded safely (torch.load with weights_only=True). Re-save its state dict from the program "
             "that wrote it (torch.save(model.state_dict(), ...)), or convert it to safetensors."
         ) from error
@@ -150,7 +150,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             "pass a .safetensors or .pth weights file"
         ) from error
     if not isinstance(loaded, dict):
-        raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+        raise WeightsError(f"{path} contains a {type(loaded).__name__}, not a state dict")
     return loaded
 
 
@@ -328,7 +328,7 @@ def _reject_custom_architecture(path: Path) -> None:
         return  # load_state_dict_file reports unreadable files
     if metadata.get("variant") == "custom":
         raise WeightsError(
-            f"{path} holds a custom architecture ({metadata.get('display_name', 'model.architecture')}) "
+            f"{path} contains a custom architecture ({metadata.get('display_name', 'model.architecture')}) "
             "trained from a config with model.architecture; deblur and eval run only the variants "
             "s, b, l and unet. Train with --variant and no architecture override to use it here."
         )

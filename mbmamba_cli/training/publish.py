@@ -143,7 +143,7 @@ def measure_crop(model: nn.Module, data_root: Path) -> dict:
 
 
 def half_precision_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict in float16, except A_log and D, which the scan needs in float32."""
+    """Return the model's state dict in float16, except A_log and D, which the scan needs in float32."""
     state = {}
     for key, value in model.state_dict().items():
         keep_float32 = key.endswith(".A_log") or key.endswith(".D")
